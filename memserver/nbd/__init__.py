@@ -1,0 +1,1 @@
+"""The NBD protocol: constants (:mod:`.proto`), errors and the server state machine."""
