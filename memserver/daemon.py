@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from memserver import __version__
 from memserver.arena import Arena
 from memserver.nbd.server import DEFAULT_MAX_PAYLOAD, Limits
+from memserver.session import DEFAULT_HANDSHAKE_TIMEOUT
 from memserver.slabs import (
     DEFAULT_SLAB_SIZE,
     SlabAllocator,
@@ -39,7 +40,6 @@ from memserver.slabs import (
     slab_runs,
 )
 from memserver.stats import MemserverCollector, merge_snapshots
-from memserver.transport import DEFAULT_HANDSHAKE_TIMEOUT
 from memserver.worker import WorkerConfig
 
 log = logging.getLogger(__name__)

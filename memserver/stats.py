@@ -91,6 +91,20 @@ class RequestStats:
     def request_error(self, error: int) -> None:
         self.error(ERROR_NAMES.get(error, f"errno_{error}"))
 
+    def add(self, other: RequestStats) -> None:
+        """Fold another worker's or session's counters into these."""
+        for mine, theirs in (
+            (self.ops, other.ops),
+            (self.bytes, other.bytes),
+            (self.latency_sum_ns, other.latency_sum_ns),
+            *zip(self.latency_buckets, other.latency_buckets, strict=True),
+        ):
+            for i, value in enumerate(theirs):
+                mine[i] += value
+        for kind, count in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + count
+        self.connections_total += other.connections_total
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter."""
         return {

@@ -4,6 +4,7 @@ The master starts ``python -m memserver.worker CONFIG_JSON`` with the arena's
 memfd, the listening sockets and one end of a control socket pair passed as
 open file descriptors.  Workers accept from the same listening sockets, so
 the kernel spreads connections over them and the memserver uses every core.
+Inside a worker each connection has its own thread (:mod:`memserver.session`).
 
 The control channel carries one JSON object per line each way, a request
 and then its reply.  Requests (``op``):
@@ -22,24 +23,28 @@ exits: no orphan keeps serving memory nobody manages.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from memserver import arena, libc
 from memserver.nbd.server import ExportInfo, Limits
-from memserver.stats import RequestStats
-from memserver.transport import NBDProtocol, ServedExport, WorkerContext
+from memserver.session import ServedExport, Session, WorkerContext
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+# How long a session may take to notice it was shut down before the worker
+# gives up waiting; its thread is then stuck in Python, not in a system call.
+SESSION_EXIT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class WorkerConfig:
     log_level: str
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> WorkerConfig:
@@ -67,13 +72,12 @@ class WorkerConfig:
 
 
 class Worker:
-    """The state of one worker process and its control loop."""
+    """The state of one worker process: its exports, listeners and sessions."""
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.context = WorkerContext(
             exports={},
-            stats=RequestStats(),
             limits=Limits(
                 min_block=config.min_block,
                 max_payload=config.max_payload,
@@ -82,95 +86,135 @@ class Worker:
             handshake_timeout=config.handshake_timeout,
             max_connections=config.max_connections,
         )
-        self.servers: list[asyncio.Server] = []
+        self.listeners = [socket.socket(fileno=fd) for fd in config.listen_fds]
+        # Writing a byte here wakes the accept loop so that it can stop.
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._acceptor: threading.Thread | None = None
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        stopping = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stopping.set)
-        control = socket.socket(fileno=self.config.control_fd)
-        reader, writer = await asyncio.open_unix_connection(sock=control, limit=2**20)
-        channel = asyncio.create_task(self._serve_control(reader, writer))
-        stop_wait = asyncio.create_task(stopping.wait())
-        await asyncio.wait({channel, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        channel.cancel()
-        await self._stop()
-        writer.close()
+    def serve_control(self) -> None:
+        """Answer the master until it says stop or goes away."""
+        with socket.socket(fileno=self.config.control_fd) as control:
+            stream = control.makefile("rwb", buffering=0)
+            for line in stream:
+                request = json.loads(line)
+                try:
+                    reply = self.handle(request)
+                except Exception as e:  # reported to the master, which decides
+                    log.exception("control request failed op=%s", request.get("op"))
+                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                if request.get("op") == "stop":
+                    self.stop()
+                stream.write(json.dumps(reply).encode() + b"\n")
+                if request.get("op") == "stop":
+                    return
+        log.info("master went away, worker=%d exiting", self.config.index)
+        self.stop()
 
-    async def _serve_control(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        while True:
-            line = await reader.readline()
-            if not line:
-                log.info("master went away, worker=%d exiting", self.config.index)
-                return
-            request = json.loads(line)
-            try:
-                reply = await self._handle(request)
-            except Exception as e:  # reported to the master, which decides
-                log.exception("control request failed op=%s", request.get("op"))
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-            if request.get("op") == "stop":
-                return
-
-    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
-        context = self.context
         if op == "add":
-            name = request["name"]
-            runs = [(int(off), int(length)) for off, length in request["runs"]]
-            mapping = arena.ExportMapping(
-                self.config.arena_fd, runs, lock=self.config.lock
-            )
-            info = ExportInfo(
-                name, int(request["size"]), request.get("description", "")
-            )
-            context.exports[name] = ServedExport(info, mapping)
-            return {"ok": True}
+            return self._add(request)
         if op == "remove":
-            served = context.exports.pop(request["name"], None)
-            if served is None:
-                return {"ok": True, "closed": 0}
-            clients = list(served.connections)
-            for protocol in clients:
-                protocol.detach()
-            served.connections.clear()
-            served.mapping.close()
-            return {"ok": True, "closed": len(clients)}
+            return {"ok": True, "closed": self._remove(request["name"])}
         if op == "start":
-            loop = asyncio.get_running_loop()
-            for fd in self.config.listen_fds:
-                sock = socket.socket(fileno=fd)
-                server = await loop.create_server(
-                    lambda: NBDProtocol(context), sock=sock
-                )
-                self.servers.append(server)
+            self._acceptor = threading.Thread(
+                target=self._accept_loop, name="accept", daemon=True
+            )
+            self._acceptor.start()
             return {"ok": True}
         if op == "stats":
-            return {"ok": True, "stats": context.stats.snapshot()}
+            return {"ok": True, "stats": self.context.snapshot()}
         if op == "stop":
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
-    async def _stop(self) -> None:
-        self.context.shutting_down = True
-        for server in self.servers:
-            server.close()
-        for protocol in list(self.context.connections):
-            if protocol.transport is not None:
-                protocol.transport.close()
-        # Give queued replies a moment to drain before the mappings go.
-        await asyncio.sleep(0.05)
-        for protocol in list(self.context.connections):
-            protocol.detach()
-        await asyncio.sleep(0)
-        for served in self.context.exports.values():
-            served.mapping.close()
-        self.context.exports.clear()
+    def _add(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request["name"]
+        runs = [(int(off), int(length)) for off, length in request["runs"]]
+        mapping = arena.ExportMapping(self.config.arena_fd, runs, lock=self.config.lock)
+        info = ExportInfo(name, int(request["size"]), request.get("description", ""))
+        with self.context.lock:
+            self.context.exports[name] = ServedExport(info, mapping)
+        return {"ok": True}
+
+    def _remove(self, name: str) -> int:
+        context = self.context
+        with context.lock:
+            served = context.exports.pop(name, None)
+            if served is None:
+                return 0
+            sessions = list(served.sessions)
+        self._end_sessions(sessions)
+        served.mapping.close()
+        return len(sessions)
+
+    def _end_sessions(self, sessions: list[Session]) -> None:
+        """Shut the sessions' sockets and wait until no thread uses the memory."""
+        for session in sessions:
+            session.shut_down()
+        for session in sessions:
+            session.thread.join(SESSION_EXIT_TIMEOUT)
+            if session.thread.is_alive():
+                # Unmapping now could crash the process under that thread.
+                raise RuntimeError(
+                    f"session {session.peer} did not end; export kept mapped"
+                )
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            for listener in self.listeners:
+                listener.setblocking(False)
+                selector.register(listener, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self.context.shutting_down:
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_read:
+                        return
+                    if isinstance(key.fileobj, socket.socket):
+                        self._accept(key.fileobj)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, address = listener.accept()
+        except BlockingIOError:
+            return  # another worker took it
+        except OSError as e:
+            log.warning("accept failed error=%s", e)
+            return
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{address[0]}:{address[1]}"
+        else:
+            peer = "unix"
+        session = self.context.admit(sock, peer)
+        if session is None:
+            sock.close()
+            return
+        session.start()
+
+    def stop(self) -> None:
+        """Stop accepting, end every session, unmap every export."""
+        context = self.context
+        with context.lock:
+            context.shutting_down = True
+            sessions = list(context.sessions)
+        self._wake_write.send(b"x")
+        if self._acceptor is not None:
+            self._acceptor.join()
+        for listener in self.listeners:
+            listener.close()
+        try:
+            self._end_sessions(sessions)
+        except RuntimeError as e:
+            log.error("%s", e)
+            return
+        with context.lock:
+            exports = list(context.exports.values())
+            context.exports.clear()
+        for served in exports:
+            with contextlib.suppress(arena.ArenaError):
+                served.mapping.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,12 +227,15 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     # Ctrl-C in a terminal reaches the whole process group; the master
-    # decides when workers stop.
+    # decides when workers stop.  SIGTERM comes from the kernel if the master
+    # dies (PR_SET_PDEATHSIG), and from operators: both end the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == 1:
         sys.exit("memserver worker: the master is already gone")
-    asyncio.run(Worker(config).run())
+    worker = Worker(config)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    worker.serve_control()
 
 
 if __name__ == "__main__":

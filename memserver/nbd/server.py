@@ -117,6 +117,11 @@ class Limits:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
+        if self.max_payload > 0xFFFFFFFF:
+            # INFO_BLOCK_SIZE and the request length are 32-bit fields.
+            raise ValueError(
+                f"max_payload must be at most 2 GiB, not {self.max_payload}"
+            )
         if not self.min_block <= self.preferred_block <= self.max_payload:
             raise ValueError("block sizes must satisfy min <= preferred <= max")
 
@@ -150,12 +155,19 @@ class Command:
 
 @dataclass(slots=True)
 class Write:
-    """A valid write of ``length`` bytes at ``offset``; its payload follows."""
+    """A valid write of ``length`` bytes at ``offset``.
+
+    When the whole payload had already arrived, ``data`` holds it (valid only
+    until the next call into the connection, like :class:`WriteData`) and the
+    write is complete: acknowledge it.  Otherwise ``data`` is None and the
+    payload follows as :class:`WriteData` events, then :class:`WriteDone`.
+    """
 
     flags: int
     handle: int
     offset: int
     length: int
+    data: memoryview | None = None
 
 
 @dataclass(slots=True)
@@ -351,6 +363,13 @@ class ServerConnection:
             )
             if magic != proto.IHAVEOPT:
                 raise ProtocolError(f"bad option magic {magic:#x}")
+            if (
+                length <= MAX_OPTION_LENGTH
+                and available < proto.OPTION_HEADER.size + length
+            ):
+                # Wait for the whole option before counting it: a client whose
+                # option arrives in many pieces is still sending one option.
+                return None
             self._options_seen += 1
             if self._options_seen > MAX_OPTIONS:
                 raise ProtocolError(f"more than {MAX_OPTIONS} options in one session")
@@ -365,9 +384,8 @@ class ServerConnection:
                     proto.REP_ERR_TOO_BIG,
                     f"option data of {length} bytes exceeds {MAX_OPTION_LENGTH}",
                 )
-                return None
-            if available < proto.OPTION_HEADER.size + length:
-                return None
+                # Options already buffered behind the skipped data are due now.
+                continue
             self._pos += proto.OPTION_HEADER.size
             data = self._take(length)
             assert data is not None
@@ -480,8 +498,7 @@ class ServerConnection:
             self._reply(
                 option,
                 proto.REP_INFO,
-                proto.INFO_DESCRIPTION.to_bytes(2, "big")
-                + export.description.encode()[: proto.MAX_STRING],
+                proto.INFO_DESCRIPTION.to_bytes(2, "big") + _clip(export.description),
             )
         # Block sizes go out whether asked or not: a client that ignores them
         # still gets correct service, since min_block defaults to 1.
@@ -544,6 +561,11 @@ class ServerConnection:
                 self._payload_rejected = Rejected(cmd, handle, *problem)
                 self._payload_left = length
                 return self._next_request_event()
+            start = self._pos
+            if len(self._buffer) - start >= length:
+                self._pos = start + length
+                data = memoryview(self._buffer)[start : start + length]
+                return Write(flags, handle, offset, length, data)
             write = Write(flags, handle, offset, length)
             self._payload_write = write
             self._payload_left = length
@@ -572,6 +594,16 @@ class ServerConnection:
         self, cmd: int, flags: int, offset: int, length: int
     ) -> tuple[int, str] | None:
         """Return ``(error, message)`` if the request must be refused."""
+        # The common case, a plain read or write in range, in one test.
+        if (
+            cmd <= proto.CMD_WRITE
+            and not flags
+            and 0 < length <= self.limits.max_payload
+            and not (offset | length) & (self.limits.min_block - 1)
+            and self.export is not None
+            and offset + length <= self.export.size
+        ):
+            return None
         name = proto.CMD_NAMES.get(cmd, f"command {cmd}")
         allowed = ALLOWED_FLAGS.get(cmd)
         if allowed is None:
@@ -624,7 +656,7 @@ class ServerConnection:
         """Error reply; structured (with the message) when negotiated."""
         if not self.structured:
             return proto.SIMPLE_REPLY.pack(proto.SIMPLE_REPLY_MAGIC, error, handle)
-        text = message.encode()[: proto.MAX_STRING]
+        text = _clip(message)
         return (
             proto.STRUCTURED_CHUNK.pack(
                 proto.STRUCTURED_REPLY_MAGIC,
@@ -636,6 +668,11 @@ class ServerConnection:
             + proto.ERROR_PAYLOAD.pack(error, len(text))
             + text
         )
+
+
+def _clip(text: str) -> bytes:
+    # Cut at a character boundary: the spec wants valid UTF-8 on the wire.
+    return text.encode()[: proto.MAX_STRING].decode(errors="ignore").encode()
 
 
 def _decode_name(data: bytes) -> str | None:
