@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.memserver_process import MemserverProcess, client_env  # noqa: E402
+from tests.memserver_process import MemserverProcess, client_env
 
 EXPORT_SIZE = "512M"
 
@@ -154,9 +154,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="rampool-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        memserver = MemserverProcess(
-            tmp, size="1G", workers=args.workers
-        ).start()
+        memserver = MemserverProcess(tmp, size="1G", workers=args.workers).start()
         try:
             export = memserver.create_export(EXPORT_SIZE, "bench")
             for transport in args.transports.split(","):
@@ -173,9 +171,7 @@ def main() -> int:
                         samples: dict[str, list[Result]] = {"ours": [], "nbdkit": []}
                         for _ in range(args.rounds):
                             samples["ours"].append(run_fio(ours, job, args.seconds))
-                            samples["nbdkit"].append(
-                                run_fio(theirs, job, args.seconds)
-                            )
+                            samples["nbdkit"].append(run_fio(theirs, job, args.seconds))
                         rows.append(summarize(job, transport, samples))
                         if not args.json:
                             print_row(rows[-1], header=len(rows) == 1)
