@@ -1,7 +1,7 @@
 """The ``rampool`` command line.
 
 One typer group per noun.  Today: ``rampool memserver run``, the daemon that
-contributes a host's RAM to the pool.
+contributes a host's RAM to the pool, and ``rampool demo``.
 """
 
 from __future__ import annotations
@@ -142,6 +142,18 @@ def memserver_run(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     raise typer.Exit(run(config))
+
+
+@app.command("demo")
+def demo_command(
+    keep: bool = typer.Option(
+        False, "--keep", help="Keep the memserver serving until Ctrl-C."
+    ),
+) -> None:
+    """Start a memserver on loopback, make an export, check it with libnbd."""
+    from ctl.demo import demo
+
+    demo(keep)
 
 
 def main() -> None:

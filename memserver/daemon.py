@@ -14,6 +14,7 @@ lose their connections (NBD clients reconnect), nothing else is touched.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -50,6 +51,16 @@ DEFAULT_CONTROL_PORT = 10810
 EXPORT_GRANULE = 4096
 WORKER_CALL_TIMEOUT = 30.0
 WORKER_RESTART_DELAY = 1.0
+
+
+def new_export_name() -> str:
+    """An unguessable export name (160 random bits) that is safe anywhere.
+
+    The name is the key to the export's bytes.  Lowercase base32 keeps it
+    free of characters that a shell, a URI or an option parser would take
+    for something else (a leading "-", "/", "?").
+    """
+    return base64.b32encode(secrets.token_bytes(20)).decode().lower()
 
 
 class MemserverError(Exception):
@@ -340,7 +351,7 @@ class Memserver:
             self._check_running()
             slabs = self.allocator.allocate(math.ceil(size / self.config.slab_size))
             record = ExportRecord(
-                name=secrets.token_urlsafe(32),
+                name=new_export_name(),
                 size=size,
                 slabs=slabs,
                 label=label,
