@@ -28,6 +28,7 @@ DEBIAN_PACKAGES=(
     fio                         # load and benchmarks through its nbd engine
     python3-venv python3-dev    # the venv; C headers for cffi
     iproute2                    # network namespaces for multi-host tests
+    curl                        # the README's control API examples
     etcd-server                 # the cluster registry backend
     qemu-system-x86             # boots a real kernel for kernel-path tests
 )
@@ -37,7 +38,7 @@ REQUIRED_COMMANDS=(
     nbdkit:nbdkit nbdinfo:libnbd-bin nbdsh:libnbd-bin nbdcopy:libnbd-bin
     nbd-client:nbd-client qemu-img:qemu-utils qemu-io:qemu-utils
     qemu-nbd:qemu-utils fio:fio ip:iproute2 etcd:etcd-server
-    qemu-system-x86_64:qemu-system-x86
+    qemu-system-x86_64:qemu-system-x86 curl:curl
 )
 
 # Python modules the project imports, and where each comes from.
