@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from memserver import __version__
+from memserver.admission import ConnectionTable, create_table
 from memserver.arena import Arena
 from memserver.nbd.server import DEFAULT_MAX_PAYLOAD, Limits
 from memserver.session import DEFAULT_HANDSHAKE_TIMEOUT
@@ -103,8 +104,6 @@ class MemserverConfig:
             )
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
-        if self.max_connections < self.workers:
-            raise ValueError("--max-connections must be at least --workers")
         # The workers build the same limits; fail here, with the flag's name.
         try:
             Limits(min_block=self.min_block, max_payload=self.max_payload)
@@ -188,6 +187,10 @@ class Memserver:
         self.listen_address: tuple[str, int] = config.listen
         self.started = time.time()
         self._sockets: list[socket.socket] = []
+        self._connections_fd = create_table(config.workers)
+        self.admission = ConnectionTable(
+            self._connections_fd, config.workers, config.max_connections
+        )
         self._changes = asyncio.Lock()
         self._stopping = False
         self._supervisors: list[asyncio.Task[None]] = []
@@ -261,7 +264,9 @@ class Memserver:
             max_payload=config.max_payload,
             allow_list=config.allow_list,
             handshake_timeout=config.handshake_timeout,
-            max_connections=max(1, config.max_connections // config.workers),
+            connections_fd=self._connections_fd,
+            workers=config.workers,
+            max_connections=config.max_connections,
             log_level=config.log_level,
         )
         try:
@@ -270,7 +275,12 @@ class Memserver:
                 "-m",
                 "memserver.worker",
                 worker_config.to_json(),
-                pass_fds=[self.arena.fd, theirs.fileno(), *listen_fds],
+                pass_fds=[
+                    self.arena.fd,
+                    self._connections_fd,
+                    theirs.fileno(),
+                    *listen_fds,
+                ],
             )
         finally:
             theirs.close()
@@ -298,6 +308,7 @@ class Memserver:
                 handle.process.pid,
                 code,
             )
+            self.admission.reset(index)
             await asyncio.sleep(WORKER_RESTART_DELAY)
             async with self._changes:
                 try:
@@ -333,6 +344,7 @@ class Memserver:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        os.close(self._connections_fd)
 
     # Exports.
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from memserver.admission import ConnectionTable
 from memserver.nbd import proto
 from memserver.nbd.errors import ProtocolError
 from memserver.nbd.server import (
@@ -85,8 +86,9 @@ class WorkerContext:
 
     exports: dict[str, ServedExport]
     limits: Limits
+    admission: ConnectionTable
+    index: int
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    max_connections: int = 1024
     sessions: set[Session] = field(default_factory=set)
     shutting_down: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -113,7 +115,7 @@ class WorkerContext:
     def admit(self, sock: socket.socket, peer: str) -> Session | None:
         """Register a new connection, or refuse it (None) at the limit."""
         with self.lock:
-            if self.shutting_down or len(self.sessions) >= self.max_connections:
+            if self.shutting_down or not self.admission.admit(self.index):
                 self.retired.error("connection_refused")
                 refused = True
             else:
@@ -125,8 +127,8 @@ class WorkerContext:
             log.warning(
                 "refusing connection peer=%s open=%d limit=%d shutting_down=%s",
                 peer,
-                len(self.sessions),
-                self.max_connections,
+                self.admission.total(),
+                self.admission.limit,
                 self.shutting_down,
             )
             return None
@@ -135,6 +137,7 @@ class WorkerContext:
     def retire(self, session: Session) -> None:
         with self.lock:
             self.sessions.discard(session)
+            self.admission.release(self.index)
             if session.served is not None:
                 session.served.sessions.discard(session)
             self.retired.add(session.stats)

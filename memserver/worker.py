@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from memserver import arena, libc
+from memserver.admission import ConnectionTable
 from memserver.nbd.server import ExportInfo, Limits
 from memserver.session import ServedExport, Session, WorkerContext
 
@@ -60,6 +61,8 @@ class WorkerConfig:
     max_payload: int
     allow_list: bool
     handshake_timeout: float
+    connections_fd: int
+    workers: int
     max_connections: int
     log_level: str
 
@@ -83,8 +86,11 @@ class Worker:
                 max_payload=config.max_payload,
                 allow_list=config.allow_list,
             ),
+            admission=ConnectionTable(
+                config.connections_fd, config.workers, config.max_connections
+            ),
+            index=config.index,
             handshake_timeout=config.handshake_timeout,
-            max_connections=config.max_connections,
         )
         self.listeners = [socket.socket(fileno=fd) for fd in config.listen_fds]
         # Writing a byte here wakes the accept loop so that it can stop.

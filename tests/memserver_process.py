@@ -48,9 +48,12 @@ class MemserverProcess:
         size: str = "256M",
         workers: int = 2,
         extra: list[str] | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
+        # ``wrapper`` runs the daemon under another command (setpriv, prlimit).
         self.socket_path = str(tmp_path / "nbd.sock")
         self.argv = [
+            *(wrapper or []),
             str(VENV_BIN / "rampool"),
             "memserver",
             "run",
@@ -71,6 +74,7 @@ class MemserverProcess:
         self.nbd_address = ""
         self.control_url = ""
         self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
 
     # Lifecycle.
 
@@ -83,7 +87,8 @@ class MemserverProcess:
             text=True,
             env=client_env(),
         )
-        threading.Thread(target=self._read_log, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout):
             self.kill()
             raise AssertionError(f"memserver not ready in {timeout}s:\n{self.log}")
@@ -103,20 +108,29 @@ class MemserverProcess:
         self._ready.set()
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait, and return the exit status."""
+        """SIGTERM, wait, and return the exit status; ``log`` is then whole."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"memserver ignored SIGTERM:\n{self.log}") from None
+        self._join_reader()
+        return status
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._join_reader()
+
+    def _join_reader(self) -> None:
+        # The exit can come before the last log lines are read.  A worker
+        # that outlived the master would hold the pipe open: do not hang.
+        if self._reader is not None:
+            self._reader.join(5.0)
 
     @property
     def log(self) -> str:
@@ -136,10 +150,15 @@ class MemserverProcess:
     # Control API.
 
     def request(
-        self, method: str, path: str, body: Any = None
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None
     ) -> tuple[int, Any]:
-        """Call the control API; return (status, decoded JSON or text)."""
-        data = None if body is None else json.dumps(body).encode()
+        """Call the control API; return (status, decoded JSON or text).
+
+        ``body`` is sent as JSON; ``raw`` is sent as it is (malformed bodies).
+        """
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
         req = urllib.request.Request(
             self.control_url + path,
             data=data,
@@ -148,17 +167,19 @@ class MemserverProcess:
         )
         try:
             with urllib.request.urlopen(req, timeout=30) as response:
-                status, raw = response.status, response.read()
+                status, reply = response.status, response.read()
                 ctype = response.headers.get("Content-Type", "")
         except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
+            status, reply = e.code, e.read()
             ctype = e.headers.get("Content-Type", "")
         if "json" in ctype:
-            return status, json.loads(raw)
-        return status, raw.decode()
+            return status, json.loads(reply)
+        return status, reply.decode()
 
     def create_export(self, size: int | str, label: str = "") -> dict[str, Any]:
-        status, body = self.request("POST", "/v1/exports", {"size": size, "label": label})
+        status, body = self.request(
+            "POST", "/v1/exports", {"size": size, "label": label}
+        )
         assert status == 201, (status, body)
         return dict(body)
 
@@ -173,3 +194,106 @@ class MemserverProcess:
 
     def unix_uri(self, name: str) -> str:
         return f"nbd+unix:///{name}?socket={self.socket_path}"
+
+    def worker_pids(self) -> list[int]:
+        """Pids of this daemon's live worker processes, read from /proc."""
+        assert self.process is not None
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:  # exited while we looked
+                continue
+            # The command name may hold spaces or ")": fields resume after
+            # the last ")", with the state first and the parent's pid second.
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.process.pid and b"memserver.worker" in cmdline:
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+
+def run_tool(
+    argv: list[str], *, timeout: float = 60.0, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run an external client with :func:`client_env`; fail with its output.
+
+    A non-zero exit becomes an AssertionError that shows stdout and stderr.
+    """
+    try:
+        return subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            env=client_env(),
+            timeout=timeout,
+            check=True,
+        )
+    except subprocess.CalledProcessError as e:
+        raise AssertionError(
+            f"{' '.join(argv)} exited with {e.returncode}\n"
+            f"stdout:\n{e.stdout.decode(errors='replace')[-4000:]}\n"
+            f"stderr:\n{e.stderr.decode(errors='replace')[-4000:]}"
+        ) from None
+
+
+def nbdsh(
+    uri: str,
+    script: str,
+    *,
+    structured: bool = True,
+    stdin: bytes | None = None,
+    timeout: float = 60.0,
+) -> bytes:
+    """Run ``script`` in nbdsh with ``h`` connected to ``uri``; return stdout.
+
+    ``structured=False`` connects without structured replies.  An exception
+    in the script fails the caller with nbdsh's traceback.
+    """
+    argv = ["nbdsh"]
+    if not structured:
+        argv += ["-c", "h.set_request_structured_replies(False)"]
+    argv += ["-c", f"h.connect_uri({uri!r})", "-c", script]
+    return run_tool(argv, stdin=stdin, timeout=timeout).stdout
+
+
+_READ_ALL = """
+import sys
+size = h.get_size()
+step = 4 << 20
+for offset in range(0, size, step):
+    sys.stdout.buffer.write(h.pread(min(step, size - offset), offset))
+"""
+
+_WRITE_STDIN = """
+import sys
+data = sys.stdin.buffer.read()
+step = 4 << 20
+for i in range(0, len(data), step):
+    h.pwrite(data[i : i + step], {offset} + i)
+"""
+
+
+def read_export(uri: str) -> bytes:
+    """Every byte of the export at ``uri``, read through nbdsh."""
+    return nbdsh(uri, _READ_ALL)
+
+
+def write_export(uri: str, data: bytes, offset: int = 0) -> None:
+    """Write ``data`` at ``offset`` of the export at ``uri`` through nbdsh."""
+    nbdsh(uri, _WRITE_STDIN.format(offset=offset), stdin=data)
+
+
+def first_difference(actual: bytes, expected: bytes) -> int | None:
+    """Offset of the first byte that differs (or of the shorter end), or None.
+
+    Large buffers compare without pytest's diff, which would not end.
+    """
+    if actual == expected:
+        return None
+    for offset, (a, b) in enumerate(zip(actual, expected, strict=False)):
+        if a != b:
+            return offset
+    return min(len(actual), len(expected))
