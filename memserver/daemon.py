@@ -272,6 +272,9 @@ class Memserver:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                # -P: import the installed memserver, never a directory of the
+                # same name that the daemon happens to be started from.
+                "-P",
                 "-m",
                 "memserver.worker",
                 worker_config.to_json(),
