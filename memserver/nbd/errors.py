@@ -18,12 +18,3 @@ class OptionError(NBDError):
         super().__init__(message)
         self.reply = reply
         self.message = message
-
-
-class RequestError(NBDError):
-    """Fail one transmission request with the NBD ``error`` and go on."""
-
-    def __init__(self, error: int, message: str) -> None:
-        super().__init__(message)
-        self.error = error
-        self.message = message
