@@ -40,6 +40,7 @@ class Job:
     rw: str
     bs: str
     iodepth: int
+    connections: int = 1
 
 
 JOBS = (
@@ -49,6 +50,9 @@ JOBS = (
     Job("4K randwrite QD32", "randwrite", "4k", 32),
     Job("1M read QD8", "read", "1m", 8),
     Job("1M write QD8", "write", "1m", 8),
+    # Several connections: what spreading them over worker processes buys.
+    Job("4K randread 4xQD8", "randread", "4k", 8, connections=4),
+    Job("4K randwrite 4xQD8", "randwrite", "4k", 8, connections=4),
 )
 
 
@@ -75,6 +79,8 @@ def run_fio(uri: str, job: Job, seconds: float) -> Result:
         f"--rw={job.rw}",
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",
+        f"--numjobs={job.connections}",
+        "--group_reporting",
         f"--size={EXPORT_SIZE}",
         f"--runtime={seconds}",
         "--time_based",
@@ -145,6 +151,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--transports", default="tcp,unix")
+    parser.add_argument(
+        "--only", default="", help="run only jobs whose name contains this"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON, no table")
     args = parser.parse_args()
     for tool in ("fio", "nbdkit", "nbdinfo"):
@@ -167,7 +176,7 @@ def main() -> int:
                 try:
                     fill(ours)
                     fill(theirs)
-                    for job in JOBS:
+                    for job in (j for j in JOBS if args.only in j.name):
                         samples: dict[str, list[Result]] = {"ours": [], "nbdkit": []}
                         for _ in range(args.rounds):
                             samples["ours"].append(run_fio(ours, job, args.seconds))
