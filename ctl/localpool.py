@@ -66,6 +66,7 @@ class LocalMemserver:
         self.nbd_address = ""
         self.control_url = ""
         self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
 
     @property
     def client(self) -> MemserverClient:
@@ -85,7 +86,8 @@ class LocalMemserver:
             text=True,
             env=self.env,
         )
-        threading.Thread(target=self._read_log, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout) or not self.control_url:
             self.kill()
             raise LocalMemserverError(
@@ -105,22 +107,31 @@ class LocalMemserver:
         self._ready.set()  # exited: stop waiting
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait, and return the exit status."""
+        """SIGTERM, wait, and return the exit status; ``log`` is then whole."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise LocalMemserverError(
                 f"memserver ignored SIGTERM for {timeout:.0f}s:\n{self.log}"
             ) from None
+        self._join_reader()
+        return status
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._join_reader()
+
+    def _join_reader(self) -> None:
+        # The exit can come before the last log lines are read.  A worker
+        # that outlived the master would hold the pipe open: do not hang.
+        if self._reader is not None:
+            self._reader.join(5.0)
 
     def unix_uri(self, name: str) -> str:
         return f"nbd+unix:///{name}?socket={self.socket_path}"

@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ctl.localpool import LocalMemserver
+
 VENV_BIN = Path(sys.executable).parent
-READY = re.compile(
-    r"memserver ready nbd=(?P<nbd>\S+) unix=(?P<unix>\S+) control=(?P<control>\S+)"
-)
 
 
 def client_env() -> dict[str, str]:
@@ -38,8 +35,9 @@ def client_env() -> dict[str, str]:
     return env
 
 
-class MemserverProcess:
-    """``rampool memserver run`` as a child process."""
+class MemserverProcess(LocalMemserver):
+    """``rampool memserver run`` as a child process, with a unix socket in
+    ``tmp_path`` and test-friendly accessors."""
 
     def __init__(
         self,
@@ -51,90 +49,14 @@ class MemserverProcess:
         wrapper: list[str] | None = None,
     ) -> None:
         # ``wrapper`` runs the daemon under another command (setpriv, prlimit).
-        self.socket_path = str(tmp_path / "nbd.sock")
-        self.argv = [
-            *(wrapper or []),
-            str(VENV_BIN / "rampool"),
-            "memserver",
-            "run",
-            "--size",
-            size,
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--socket",
-            self.socket_path,
-            "--workers",
-            str(workers),
-            *(extra or []),
-        ]
-        self.lines: list[str] = []
-        self.process: subprocess.Popen[str] | None = None
-        self.nbd_address = ""
-        self.control_url = ""
-        self._ready = threading.Event()
-        self._reader: threading.Thread | None = None
-
-    # Lifecycle.
-
-    def start(self, timeout: float = 30.0) -> MemserverProcess:
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        super().__init__(
+            size=size,
+            workers=workers,
+            socket_path=str(tmp_path / "nbd.sock"),
+            extra=extra,
+            wrapper=wrapper,
             env=client_env(),
         )
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(timeout):
-            self.kill()
-            raise AssertionError(f"memserver not ready in {timeout}s:\n{self.log}")
-        if self.process.poll() is not None:
-            raise AssertionError(f"memserver exited at start:\n{self.log}")
-        return self
-
-    def _read_log(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = READY.search(line)
-            if match:
-                self.nbd_address = match["nbd"]
-                self.control_url = match["control"]
-                self._ready.set()
-        self._ready.set()
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait, and return the exit status; ``log`` is then whole."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            status = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"memserver ignored SIGTERM:\n{self.log}") from None
-        self._join_reader()
-        return status
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._join_reader()
-
-    def _join_reader(self) -> None:
-        # The exit can come before the last log lines are read.  A worker
-        # that outlived the master would hold the pipe open: do not hang.
-        if self._reader is not None:
-            self._reader.join(5.0)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
         """Wait until a log line matches ``pattern``; return that line."""
@@ -191,9 +113,6 @@ class MemserverProcess:
         status, body = self.request("GET", "/metrics")
         assert status == 200, (status, body)
         return str(body)
-
-    def unix_uri(self, name: str) -> str:
-        return f"nbd+unix:///{name}?socket={self.socket_path}"
 
     def worker_pids(self) -> list[int]:
         """Pids of this daemon's live worker processes, read from /proc."""
