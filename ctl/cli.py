@@ -1,7 +1,8 @@
 """The ``rampool`` command line.
 
-One typer group per noun.  Today: ``rampool memserver run``, the daemon that
-contributes a host's RAM to the pool, and ``rampool demo``.
+One typer group per noun: ``memserver`` (the daemon that contributes a
+host's RAM), ``server`` (memservers in the pool), ``volume``, ``pool``; and
+``demo``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 
 import typer
 
+from ctl import pool, servers, volumes
+from ctl.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 from memserver import __version__
 from memserver.slabs import DEFAULT_SLAB_SIZE, format_size, parse_size
 
@@ -23,6 +26,9 @@ memserver_app = typer.Typer(
     help="Contribute this host's RAM to the pool.", no_args_is_help=True
 )
 app.add_typer(memserver_app, name="memserver")
+app.add_typer(servers.app, name="server")
+app.add_typer(volumes.app, name="volume")
+app.add_typer(pool.app, name="pool")
 
 
 def _size(text: str) -> int:
@@ -54,11 +60,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
+    registry: str | None = typer.Option(
+        None,
+        "--registry",
+        envvar=REGISTRY_ENV,
+        help=f"sqlite:///PATH or etcd://HOST:PORT (default {DEFAULT_REGISTRY}).",
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Show the version."
     ),
 ) -> None:
     """rampool: pooled memory for Linux."""
+    ctx.ensure_object(dict)
+    ctx.obj["registry_url"] = registry
 
 
 @memserver_app.command("run")
