@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from ctl.registry.errors import InsufficientCapacityError
@@ -121,7 +122,7 @@ def default_extent_count(
     """
     stripes = _stripe_count(size, stripe_unit)
     _check_replicas(replicas)
-    active = len(servers)
+    active = sum(1 for server in servers if server.state == SERVER_ACTIVE)
     return min(max(1, active // replicas), stripes)
 
 
@@ -174,9 +175,13 @@ def place(
     for size in extent_sizes:
         if size <= 0:
             raise ValueError(f"extent size {size} is not positive")
-    names = [server.name for server in servers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"server names repeat: {sorted(names)}")
+    repeated = sorted(
+        name for name, count in Counter(s.name for s in servers).items() if count > 1
+    )
+    if repeated:
+        raise ValueError(
+            f"server names must be unique; repeated: {', '.join(repeated)}"
+        )
 
     active = sorted(
         (server for server in servers if server.state == SERVER_ACTIVE),
@@ -234,7 +239,7 @@ class _Pool:
     servers: list[Server]
     replicas: int
     by_zone: bool
-    domain: dict[str, str] = field(default_factory=dict)
+    domain: dict[str, str]  # server name -> failure domain
 
     @classmethod
     def of(cls, active: list[Server], replicas: int) -> _Pool:
@@ -301,7 +306,7 @@ class _TwoChoices(_Chooser):
 
 
 class _MostRoom(_Chooser):
-    """Take the domain that can hold the most more extents of this size.
+    """Take the domain with room for the most further extents of this size.
 
     A domain can hold each extent at most once, so spending the roomiest
     first is what keeps later extents placeable when space is tight.

@@ -197,17 +197,14 @@ def test_whole_volume_covers_every_extent_byte_once() -> None:
     size, unit, extents = 10 * 64 * KiB + 8192, 64 * KiB, 4
     sizes = layout_extents(size, unit, extents)
     covered: dict[int, list[tuple[int, int]]] = {e: [] for e in range(extents)}
-    for extent, offset, length, _ in map_range(0, stripes_bytes(size, unit), unit, 4):
+    whole_stripes = -(-size // unit) * unit
+    for extent, offset, length, _ in map_range(0, whole_stripes, unit, extents):
         covered[extent].append((offset, offset + length))
     for extent, spans in covered.items():
         spans.sort()
         assert spans[0][0] == 0
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         assert spans[-1][1] == sizes[extent]
-
-
-def stripes_bytes(size: int, unit: int) -> int:
-    return -(-size // unit) * unit
 
 
 def test_map_range_on_one_extent_is_one_piece() -> None:
@@ -283,8 +280,8 @@ def test_default_extent_count_is_one_per_group_of_replicas() -> None:
 
 
 def test_default_extent_count_counts_only_active_servers() -> None:
-    servers = [*pool_of(4), server("ms9", GiB, state=SERVER_DRAINING)]
-    assert default_extent_count(GiB, 64 * KiB, 2, servers) == 2
+    draining = [server(f"old{i}", GiB, state=SERVER_DRAINING) for i in (1, 2)]
+    assert default_extent_count(GiB, 64 * KiB, 2, [*pool_of(4), *draining]) == 2
 
 
 def test_default_extent_count_is_at_least_one() -> None:
@@ -773,7 +770,7 @@ def test_one_replica_and_a_long_list_of_short_servers() -> None:
             [SLAB],
             1,
             [server("ms1", GiB), server("ms1", GiB)],
-            "server names repeat: ['ms1', 'ms1']",
+            "server names must be unique; repeated: ms1",
         ),
     ],
 )
