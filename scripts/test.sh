@@ -31,7 +31,7 @@ step "pytest"
 mkdir -p "$(dirname "$JUNIT")"
 rm -f "$JUNIT"
 status=0
-pytest --cov=memserver --cov-report=term-missing:skip-covered \
+pytest --cov=memserver --cov=ctl --cov-report=term-missing:skip-covered \
     --junitxml="$JUNIT" "$@" || status=$?
 
 if [[ $status -eq 5 ]]; then
