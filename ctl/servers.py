@@ -40,12 +40,7 @@ def _server_from_health(
 
 
 def _volumes_on(registry: Registry, name: str) -> list[str]:
-    return sorted(
-        volume.name
-        for volume in registry.list_volumes()
-        for extent in volume.extents
-        if any(r.server == name for r in extent.replicas)
-    )
+    return [volume.name for volume in registry.list_volumes() if volume.uses(name)]
 
 
 @app.command("add")

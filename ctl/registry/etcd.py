@@ -54,7 +54,13 @@ from ctl.registry.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from ctl.registry.model import SERVER_STATES, Server, Volume, reservation_change
+from ctl.registry.model import (
+    SERVER_STATES,
+    Server,
+    Volume,
+    check_server_unused,
+    reservation_change,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,20 +257,9 @@ class EtcdRegistry(Registry):
     def remove_server(self, name: str) -> None:
         def plan(reads: _Reads) -> tuple[None, list[dict[str, Any]]]:
             self._read_server(reads, name)
-            users = [
-                volume.name
-                for volume in map(Volume.from_dict, reads.scan(self._volume_key("")))
-                if any(
-                    replica.server == name
-                    for extent in volume.extents
-                    for replica in extent.replicas
-                )
-            ]
-            if users:
-                raise InUseError(
-                    f"server {name!r} holds replicas of volumes "
-                    f"{', '.join(sorted(users))}: drain it first (rampool server drain)"
-                )
+            check_server_unused(
+                name, map(Volume.from_dict, reads.scan(self._volume_key("")))
+            )
             return None, [
                 _delete(self._server_key(name)),
                 _delete(self._alive_key(name)),

@@ -13,10 +13,11 @@ All records convert to and from plain JSON-ready dicts (``to_dict`` and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ctl.registry.errors import InsufficientCapacityError
+from ctl.registry.errors import InsufficientCapacityError, InUseError
 from memserver.slabs import format_size
 
 # Server states.
@@ -132,6 +133,14 @@ class Volume:
         fields["extents"] = [Extent.from_dict(e) for e in data["extents"]]
         return cls(**fields)
 
+    def uses(self, server: str) -> bool:
+        """True if any replica of this volume is on ``server``."""
+        return any(
+            replica.server == server
+            for extent in self.extents
+            for replica in extent.replicas
+        )
+
     def reservations(self, servers: dict[str, Server]) -> dict[str, int]:
         """Bytes this volume takes on each server, by server name.
 
@@ -189,3 +198,13 @@ def reservation_change(
             missing,
         )
     return change
+
+
+def check_server_unused(name: str, volumes: Iterable[Volume]) -> None:
+    """Raise InUseError, naming the volumes, if any has a replica on ``name``."""
+    users = sorted(volume.name for volume in volumes if volume.uses(name))
+    if users:
+        raise InUseError(
+            f"server {name!r} holds replicas of volumes {', '.join(users)}: "
+            "drain it first (rampool server drain)"
+        )

@@ -33,7 +33,13 @@ from ctl.registry.errors import (
     NotFoundError,
     RegistryUnavailableError,
 )
-from ctl.registry.model import SERVER_STATES, Server, Volume, reservation_change
+from ctl.registry.model import (
+    SERVER_STATES,
+    Server,
+    Volume,
+    check_server_unused,
+    reservation_change,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +146,7 @@ class SQLiteRegistry(Registry):
     def remove_server(self, name: str) -> None:
         with self._transaction() as db:
             _server_or_raise(db, name)
-            users = [
-                volume.name
-                for volume in _read_volumes(db)
-                if any(
-                    replica.server == name
-                    for extent in volume.extents
-                    for replica in extent.replicas
-                )
-            ]
-            if users:
-                raise InUseError(
-                    f"server {name!r} holds replicas of volumes {', '.join(users)}: "
-                    "drain it first (rampool server drain)"
-                )
+            check_server_unused(name, _read_volumes(db))
             db.execute("DELETE FROM servers WHERE name = ?", (name,))
         log.debug("server removed server=%s", name)
 
