@@ -40,61 +40,56 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.memserver_process import MemserverProcess
+from tests.nbd_wire import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    EINVAL,
+    ENOSPC,
+    EOVERFLOW,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_LIST,
+    OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_POLICY,
+    REP_ERR_TOO_BIG,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_SERVER,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+)
 
 MiB = 1024 * 1024
 IO_TIMEOUT = 10.0
 
-# Handshake (doc/proto.md, "Newstyle negotiation").
+# Magic numbers and frame layouts (doc/proto.md); the option, reply, command
+# and error codes come from tests.nbd_wire, also written from the spec.
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0
-FLAG_C_NO_ZEROES = 1 << 1
-
-OPT_EXPORT_NAME = 1
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
 # Not assigned by the spec; a server must refuse it, not choke on it.
 OPT_UNASSIGNED = 0x4242
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_UNKNOWN = (1 << 31) + 6
-REP_ERR_TOO_BIG = (1 << 31) + 9
-
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
-
-# Transmission (doc/proto.md, "Transmission phase").
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
 REPLY_TYPE_OFFSET_HOLE = 2
-REPLY_TYPE_ERROR = (1 << 15) + 1
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_BLOCK_STATUS = 7
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-
-EINVAL = 22
-ENOSPC = 28
-EOVERFLOW = 75
 
 GREETING = struct.Struct(">QQH")
 OPTION_HEADER = struct.Struct(">QII")
