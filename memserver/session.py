@@ -44,7 +44,7 @@ from memserver.nbd.server import (
     WriteData,
     WriteDone,
 )
-from memserver.stats import RequestStats, merge_snapshots
+from memserver.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,14 @@ class WorkerContext:
     def snapshot(self) -> dict[str, object]:
         """Counters of every session, live and ended, summed."""
         with self.lock:
-            live = [s.stats.snapshot() for s in self.sessions]
-            total = merge_snapshots([self.retired.snapshot(), *live])
-            total["connections"] = len(self.sessions)
-            total["connections_total"] = self.connections_total
-        return total
+            total = RequestStats()
+            total.add(self.retired)
+            for session in self.sessions:
+                total.add(session.stats)
+            snapshot = total.snapshot()
+            snapshot["connections"] = len(self.sessions)
+            snapshot["connections_total"] = self.connections_total
+        return snapshot
 
     def admit(self, sock: socket.socket, peer: str) -> Session | None:
         """Register a new connection, or refuse it (None) at the limit."""

@@ -1,9 +1,10 @@
 """Request statistics: counted cheaply in workers, exported by the master.
 
-Workers keep plain integers on the per-request path (no locks, no label
-lookups) and hand a snapshot to the master when it asks.  The master sums the
-snapshots of all workers and turns them into Prometheus metric families with
-:class:`MemserverCollector`, registered on whatever registry the caller gives.
+Each session keeps plain integers on the per-request path (no locks, no
+label lookups); a worker sums its sessions when the master asks, and the
+master sums the snapshots of all workers and turns them into Prometheus
+metric families with :class:`MemserverCollector`, registered on whatever
+registry the caller gives.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ ERROR_NAMES = {
 
 
 class RequestStats:
-    """Counters of one worker process.  Not thread-safe: one event loop."""
+    """Request counters of one session; only its own thread writes them."""
 
     def __init__(self) -> None:
         n = len(COMMANDS)
@@ -74,8 +75,6 @@ class RequestStats:
         self.latency_sum_ns = [0] * n
         self.latency_buckets = [[0] * (len(LATENCY_BUCKETS_NS) + 1) for _ in range(n)]
         self.errors: dict[str, int] = {}
-        self.connections = 0
-        self.connections_total = 0
 
     def record(self, cmd: int, length: int, elapsed_ns: int) -> None:
         """Count one completed request of ``length`` bytes."""
@@ -92,7 +91,7 @@ class RequestStats:
         self.error(ERROR_NAMES.get(error, f"errno_{error}"))
 
     def add(self, other: RequestStats) -> None:
-        """Fold another worker's or session's counters into these."""
+        """Fold another session's or worker's counters into these."""
         for mine, theirs in (
             (self.ops, other.ops),
             (self.bytes, other.bytes),
@@ -103,7 +102,6 @@ class RequestStats:
                 mine[i] += value
         for kind, count in other.errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + count
-        self.connections_total += other.connections_total
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter."""
@@ -113,28 +111,31 @@ class RequestStats:
             "latency_sum_ns": list(self.latency_sum_ns),
             "latency_buckets": [list(b) for b in self.latency_buckets],
             "errors": dict(self.errors),
-            "connections": self.connections,
-            "connections_total": self.connections_total,
         }
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> RequestStats:
+        stats = cls()
+        stats.ops = list(data["ops"])
+        stats.bytes = list(data["bytes"])
+        stats.latency_sum_ns = list(data["latency_sum_ns"])
+        stats.latency_buckets = [list(b) for b in data["latency_buckets"]]
+        stats.errors = dict(data["errors"])
+        return stats
 
 
 def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the snapshots of several workers into one."""
-    total = RequestStats().snapshot()
+    """Sum the snapshots of several workers, connection counts included."""
+    total = RequestStats()
+    connections = accepted = 0
     for snap in snapshots:
-        for key in ("ops", "bytes", "latency_sum_ns"):
-            total[key] = [a + b for a, b in zip(total[key], snap[key], strict=True)]
-        total["latency_buckets"] = [
-            [a + b for a, b in zip(mine, theirs, strict=True)]
-            for mine, theirs in zip(
-                total["latency_buckets"], snap["latency_buckets"], strict=True
-            )
-        ]
-        for kind, count in snap["errors"].items():
-            total["errors"][kind] = total["errors"].get(kind, 0) + count
-        total["connections"] += snap["connections"]
-        total["connections_total"] += snap["connections_total"]
-    return total
+        total.add(RequestStats.from_snapshot(snap))
+        connections += snap["connections"]
+        accepted += snap["connections_total"]
+    merged = total.snapshot()
+    merged["connections"] = connections
+    merged["connections_total"] = accepted
+    return merged
 
 
 class MemserverCollector(Collector):
