@@ -25,6 +25,7 @@ import resource
 import weakref
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from memserver import libc
 from memserver.slabs import format_size
@@ -181,7 +182,25 @@ class _Mapping:
         libc.munmap(self.address, self.size)
 
 
-class Arena:
+class _ClosedOnExit:
+    """``with`` support for the mappings below: ``close()`` on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Arena(_ClosedOnExit):
     """The memserver's pool of memory: a locked, shared memfd mapped whole.
 
     Build one with :meth:`Arena.create`. ``fd`` can be handed to worker processes
@@ -281,19 +300,8 @@ class Arena:
                 f"of {self.size} bytes"
             )
 
-    def __enter__(self) -> Arena:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class ExportMapping:
+class ExportMapping(_ClosedOnExit):
     """One export's slabs of the arena, mapped as one contiguous range.
 
     ``runs`` are ``(file_offset, length)`` pieces of the arena's memfd ``fd``, in
@@ -378,14 +386,3 @@ class ExportMapping:
         if not self._mapping.closed:
             self._mapping.unmap()
             log.debug("export unmapped size=%d", self.size)
-
-    def __enter__(self) -> ExportMapping:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
