@@ -27,8 +27,11 @@ class MemserverClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+    def exchange(
+        self, method: str, path: str, data: bytes | None = None
+    ) -> tuple[int, str, bytes]:
+        """One HTTP request as sent; ``(status, content type, body)`` whatever
+        the status.  Raises MemserverAPIError only if nothing answered."""
         request = urllib.request.Request(
             self.url + path,
             data=data,
@@ -37,18 +40,26 @@ class MemserverClient:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-                ctype = response.headers.get("Content-Type", "")
+                return (
+                    response.status,
+                    response.headers.get("Content-Type", ""),
+                    response.read(),
+                )
         except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                message = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode(errors="replace") or e.reason
-            raise MemserverAPIError(self.url, e.code, message) from None
+            return e.code, e.headers.get("Content-Type", ""), e.read()
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise MemserverAPIError(self.url, None, str(reason)) from None
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        status, ctype, raw = self.exchange(method, path, data)
+        if status >= 400:
+            try:
+                message = json.loads(raw)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = raw.decode(errors="replace") or f"HTTP {status}"
+            raise MemserverAPIError(self.url, status, message)
         if not raw:
             return None
         return json.loads(raw) if "json" in ctype else raw.decode()

@@ -14,8 +14,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -81,19 +79,7 @@ class MemserverProcess(LocalMemserver):
         data = raw
         if body is not None:
             data = json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.control_url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                status, reply = response.status, response.read()
-                ctype = response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as e:
-            status, reply = e.code, e.read()
-            ctype = e.headers.get("Content-Type", "")
+        status, ctype, reply = self.client.exchange(method, path, data)
         if "json" in ctype:
             return status, json.loads(reply)
         return status, reply.decode()
