@@ -125,6 +125,19 @@ def _populate(address: int, view: memoryview) -> None:
     _touch_pages(view)
 
 
+def _fault_in(what: str, mapping: _Mapping, *, lock: bool) -> None:
+    """Bring every page in now: pinned with mlock, or populated if unlocked."""
+    if not lock:
+        _populate(mapping.address, mapping.view)
+        return
+    try:
+        libc.mlock(mapping.address, mapping.size)
+    except OSError as exc:
+        if exc.errno in _LOCK_REFUSED:
+            raise _lock_error(what, mapping.size, exc) from exc
+        raise
+
+
 def _touch_pages(view: memoryview) -> None:
     """Fault in a shared-memory mapping by reading one byte of every page.
 
@@ -244,15 +257,7 @@ class Arena(_ClosedOnExit):
             mapping = _Mapping(address, size)
             libc.madvise(address, size, libc.MADV_DONTDUMP)
             huge_pages = _advise_huge_pages(address, size)
-            if lock:
-                try:
-                    libc.mlock(address, size)
-                except OSError as exc:
-                    if exc.errno in _LOCK_REFUSED:
-                        raise _lock_error("the arena", size, exc) from exc
-                    raise
-            else:
-                _populate(address, mapping.view)
+            _fault_in("the arena", mapping, lock=lock)
         except BaseException:
             if mapping is not None:
                 mapping.unmap()
@@ -334,16 +339,8 @@ class ExportMapping(_ClosedOnExit):
                 )
                 position += length
             libc.madvise(address, size, libc.MADV_DONTDUMP)
-            if lock:
-                try:
-                    libc.mlock(address, size)
-                except OSError as exc:
-                    if exc.errno in _LOCK_REFUSED:
-                        raise _lock_error("an export", size, exc) from exc
-                    raise
             self._mapping = _Mapping(address, size)
-            if not lock:
-                _populate(address, self._mapping.view)
+            _fault_in("an export", self._mapping, lock=lock)
         except BaseException:
             libc.munmap(address, size)
             raise
